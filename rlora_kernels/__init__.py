@@ -1,0 +1,1 @@
+"""Riemannian LoRA kernels."""
