@@ -1,1 +1,11 @@
-"""Riemannian LoRA kernels."""
+"""Riemannian LoRA: fixed-rank manifold ops with fast backends, adapter layers, the
+Riemannion and RiemannSGD optimizers, and the LOI initialisation."""
+
+from . import manifold, ops
+from .adapters import RiemannLoRALinear, inject, rlora_layers
+from .optim import Riemannion, RiemannSGD, adapter_param_groups, create_rlora_optimizer, loi_init
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "manifold", "inject", "rlora_layers", "RiemannLoRALinear", "Riemannion",
+           "RiemannSGD", "create_rlora_optimizer", "adapter_param_groups", "loi_init"]
