@@ -43,11 +43,19 @@ class RiemannLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(slots["B"])
         for key in ("A", "BR", "offset_A", "offset_B"):
             self.register_buffer(f"lora_{key}", slots[key])
+        self._tag_factors()
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _tag_factors(self) -> None:
+        # Optimizers pair factors through the module, never by parameter order.
         for role, p in (("Z1", self.lora_Z1), ("B", self.lora_B)):
-            # Optimizers pair factors through the module, never by parameter order.
             p._rlora_layer = self
             p._rlora_role = role
-        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __setstate__(self, state):
+        # deepcopy and unpickling build new Parameter objects without our tags.
+        super().__setstate__(state)
+        self._tag_factors()
 
     @property
     def shape(self) -> tuple[int, int]:
