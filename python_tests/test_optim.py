@@ -10,6 +10,8 @@ from torch import nn
 import rlora_kernels as rk
 from rlora_kernels import manifold, ops
 
+from shape_spy import record_shapes
+
 F64 = torch.float64
 
 
@@ -286,3 +288,16 @@ def test_conv1d_layers_are_adapted():
     give_point([layer])
     expected = ref + x @ layer.delta_weight().mT
     assert torch.allclose(model(x), expected, atol=1e-12)
+
+
+def test_backward_and_step_never_form_an_m_by_n_tensor(monkeypatch):
+    model, layers = make_model(dims=(23, 37, 29, 41))
+    forbidden = {s for l in layers for s in (l.shape, l.shape[::-1])}
+    opt = rk.create_rlora_optimizer(model, lr=0.05)
+    loss = loss_fn(model, batch(0))
+    with record_shapes(monkeypatch) as seen:
+        loss.backward()
+        opt.step()
+    shapes = {s[-2:] for s in seen}
+    assert (16, 37) in shapes and (37, 6) in shapes, "the spy missed the backends' ops"
+    assert not forbidden & shapes, forbidden & shapes
