@@ -2,5 +2,7 @@
 
 from .inject import inject, match_modules, rlora_layers
 from .layer import RiemannLoRALinear
+from .peft_io import convert_peft_model, export_peft, import_peft
 
-__all__ = ["inject", "match_modules", "rlora_layers", "RiemannLoRALinear"]
+__all__ = ["inject", "match_modules", "rlora_layers", "RiemannLoRALinear", "export_peft",
+           "import_peft", "convert_peft_model"]
