@@ -150,6 +150,10 @@ def test_opcheck_all_ops():
             rand(n, 4).requires_grad_())
     torch.library.opcheck(torch.ops.rlora.lowrank_linear, args)
     torch.library.opcheck(torch.ops.rlora.lowrank_linear, (x, rand(m, n), None, *args[3:]))
+    dy = rand(3, 5, m)
+    for need_dx, need_dw in ((True, False), (False, True)):
+        torch.library.opcheck(torch.ops.rlora.lowrank_linear_bwd,
+                              (dy, x.detach(), args[1], rand(m, 4), rand(n, 4), need_dx, need_dw))
 
 
 def test_gradcheck_lowrank_linear_and_projection():

@@ -114,11 +114,29 @@ def _lowrank_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, u, v)
 
 
+@torch.library.custom_op(f"{_NS}::lowrank_linear_bwd", mutates_args=())
+def lowrank_linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, u: Tensor, v: Tensor,
+                          need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor,
+                                                                  Tensor, Tensor]:
+    # An op of its own so that torch.compile traces the backward through a fake kernel
+    # instead of calling a backend launcher on fake tensors. Unwanted outputs are empty.
+    dx, dw, db, du, dv = _impl("lowrank_linear_bwd", dy)(dy, x, weight, u, v, need_dx, need_dw)
+    return (_as(dx, x.dtype) if need_dx else dy.new_empty(0),
+            _as(dw, weight.dtype) if need_dw else dy.new_empty(0),
+            _as(db, dy.dtype), _as(du, u.dtype), _as(dv, v.dtype))
+
+
+@lowrank_linear_bwd_op.register_fake
+def _(dy, x, weight, u, v, need_dx, need_dw):
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else dy.new_empty(0),
+            dy.new_empty(dy.shape[-1]), u.new_empty(u.shape), v.new_empty(v.shape))
+
+
 def _lowrank_backward(ctx, dy):
     x, weight, u, v = ctx.saved_tensors
     need_x, need_w, need_b, need_u, need_v = ctx.needs_input_grad
-    dx, dw, db, du, dv = _impl("lowrank_linear_bwd", dy)(
-        dy, x, weight, u, v, need_x, need_w)
+    dx, dw, db, du, dv = lowrank_linear_bwd_op(dy, x, weight, u, v, need_x, need_w)
     return (dx if need_x else None, dw if need_w else None,
             db if (ctx.has_bias and need_b) else None,
             du if need_u else None, dv if need_v else None)
