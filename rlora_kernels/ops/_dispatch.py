@@ -87,7 +87,10 @@ def resolve(op: str, device_type: str):
         chain = _AUTO_CHAIN.get(device_type, ("reference",))
     for name in chain:
         if backend_available(name, device_type):
-            fn = getattr(_module(name), op, None)
-            if fn is not None:
+            mod = _module(name)
+            # A module serving several backends may list which ops each one takes.
+            served = getattr(mod, "OPS", {}).get(name)
+            fn = getattr(mod, op, None)
+            if fn is not None and (served is None or op in served):
                 return fn
     return getattr(_module("reference"), op)
