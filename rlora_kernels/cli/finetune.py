@@ -6,19 +6,10 @@ those batches. Writes results.json (every figure), curves.png and the best Riema
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
-import gc
 import json
 import math
-import os
-import platform
-import resource
-import shutil
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,13 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, create_rlora_optimizer, inject, loi_init
+from .. import create_rlora_optimizer, inject, loi_init
 from ..adapters.inject import match_modules
 from ..adapters.layer import base_weight
 from .data import TextDataset, load_debian_sections, load_jsonl
+from .measure import PeakMemory, ThreadGovernor, sync
 from .models import default_model_dir, init_head, load_classifier, load_tokenizer
+from .report import (METHODS, export_adapter, finite, format_table, plot_curves, summarise,
+                     versions)
 
-METHODS = ("riemannion", "lora")
 
 
 class UsageError(ValueError):
@@ -77,158 +70,6 @@ def batch_order(n, steps, batch_size, seed):
     while len(rows) < steps * batch_size:
         rows += torch.randperm(n, generator=gen).tolist()
     return [rows[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
-
-
-# -- measurement ------------------------------------------------------------------------------
-
-class PeakMemory:
-    """Peak memory of a block above its starting level, in MB.
-
-    CUDA: torch's allocator peak. CPU: the process RSS sampled every 5 ms from /proc (max RSS
-    from getrusage is a lifetime maximum, useless for the second run of a process), with the
-    getrusage delta as the fallback where /proc is missing.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = 0.0
-        self._paused = False
-        self._cuda_peak = 0
-
-    @staticmethod
-    def _rss() -> int | None:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            if not self._paused:
-                self._max = max(self._max, self._rss() or 0)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Leave a block (an evaluation, say) out of the CPU measurement."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
-        self._paused = True
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            else:
-                _release_free_memory()  # what the block freed must not count afterwards
-            self._paused = False
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        _release_free_memory()
-        self._start = self._rss()
-        if self._start is None:
-            self._start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            return self
-        self._max, self._stop = self._start, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._max, self._rss() or 0)
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.peak_mb = max(0.0, (peak - self._start) / 2**20)
-        return False
-
-
-def _release_free_memory():
-    """Hand freed heap pages back to the OS, so a run does not look small merely because it
-    reuses memory an earlier run of this process freed (glibc keeps it otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class ThreadGovernor:
-    """Keeps torch's CPU thread count at the number of cores other processes leave free.
-
-    NOTE (2-core VM, MiniLM, batch 32 x 64 tokens, one other single-threaded process busy):
-    2 threads took 4.5 s per training step, 1 thread 1.2 s; on an idle machine 2 threads are
-    the faster. OpenMP threads that share a core with another busy process stall each other,
-    and on a shared machine the other load comes and goes, so `update` re-measures (Linux
-    /proc: machine-wide busy time minus this process's own) at most every `period` seconds.
-    """
-
-    def __init__(self, requested: str, period: float = 5.0):
-        self.fixed = None if requested == "auto" else int(requested)
-        self.limit = torch.get_num_threads()
-        self.period = period
-        self.free = float(os.cpu_count() or 1)
-        self._last = None
-
-    @staticmethod
-    def _sample():
-        """(machine total ticks, machine busy ticks, this process's busy ticks) or None."""
-        try:
-            with open("/proc/stat") as fh:
-                values = [int(v) for v in fh.readline().split()[1:]]
-            with open("/proc/self/stat") as fh:
-                fields = fh.read().rpartition(")")[2].split()
-            return sum(values), sum(values) - values[3] - values[4], int(fields[11]) + int(
-                fields[12])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def start(self, window: float = 0.3) -> tuple[int, str]:
-        """Pick the initial thread count; returns it and the reason."""
-        if self.fixed is not None:
-            torch.set_num_threads(self.fixed)
-            return self.fixed, "--threads"
-        self._last = self._sample()
-        time.sleep(window)
-        chosen = self.update(force=True)
-        if chosen is None:
-            return self.limit, "torch default"
-        return chosen, f"{self.free:.1f} of {os.cpu_count()} cores free; re-checked every " \
-                       f"{self.period:.0f} s"
-
-    def update(self, force: bool = False) -> int | None:
-        if self.fixed is not None or self._last is None:
-            return None
-        now = self._sample()
-        if now is None or now[0] <= self._last[0] or (
-                not force and (now[0] - self._last[0]) / os.sysconf("SC_CLK_TCK")
-                < self.period * (os.cpu_count() or 1)):
-            return None
-        total, busy, mine = (b - a for a, b in zip(self._last, now))
-        self._last = now
-        cores = os.cpu_count() or 1
-        self.free = cores * (1 - max(0, busy - mine) / total)
-        chosen = max(1, min(self.limit, int(self.free + 0.5)))
-        if chosen != torch.get_num_threads():
-            torch.set_num_threads(chosen)
-        return chosen
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -360,7 +201,7 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
     with PeakMemory(device) as mem:
         for step, rows in enumerate(batches, 1):
             batch = first if step == 1 else make_batch(rows)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             model.train()
             loss = loss_fn(model, batch)
@@ -372,7 +213,7 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
                 opt.step()
             else:
                 result.skipped_steps += 1
-            _sync(device)
+            sync(device)
             train_seconds += time.perf_counter() - start
             result.losses.append(loss.item())
             result.threads.append(torch.get_num_threads())
@@ -397,141 +238,6 @@ def train_run(method, task, args, seed, batches, progress, governor=None):
     result.eval_accuracy.append(accuracy(preds, test_labels, task.curve_rows))
     result.eval_seconds += time.perf_counter() - began
     return result, model
-
-
-# -- reporting --------------------------------------------------------------------------------
-
-def _mean_std(values):
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def summarise(results):
-    summary = {}
-    for method in METHODS:
-        runs = [r for r in results if r.method == method]
-        if not runs:
-            continue
-        acc = _mean_std([r.accuracy for r in runs])
-        summary[method] = {
-            "seeds": [r.seed for r in runs],
-            "accuracy_per_seed": [r.accuracy for r in runs],
-            "accuracy_mean": acc[0], "accuracy_std": acc[1],
-            "final_loss_mean": _mean_std([r.final_loss for r in runs])[0],
-            "ms_per_step_mean": _mean_std([r.ms_per_step for r in runs])[0],
-            "cpu_threads_mean": _mean_std([sum(r.threads) / len(r.threads) for r in runs
-                                           if r.threads])[0],
-            "peak_memory_mb_max": max(r.peak_memory_mb for r in runs),
-            "skipped_steps_total": sum(r.skipped_steps for r in runs),
-        }
-    return summary
-
-
-def format_table(summary, n_test):
-    header = ("method", "accuracy (mean +- std)", "final loss", "ms/step", "threads", "peak MB",
-              "skipped")
-    rows = [header]
-    for method, s in summary.items():
-        rows.append((method, f"{s['accuracy_mean']:.4f} +- {s['accuracy_std']:.4f} "
-                             f"(n={len(s['seeds'])})",
-                     f"{s['final_loss_mean']:.4f}", f"{s['ms_per_step_mean']:.0f}",
-                     f"{s['cpu_threads_mean']:.1f}", f"{s['peak_memory_mb_max']:.0f}",
-                     str(s["skipped_steps_total"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"accuracy on all {n_test} test texts; final loss: mean train loss of the last "
-                 "10 steps; threads: mean torch CPU threads per step (ms/step compares fairly "
-                 "only at equal threads); peak MB: memory above the loaded model while training")
-    return "\n".join(lines)
-
-
-def _finite(obj):
-    """JSON has no NaN: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def versions():
-    import transformers
-
-    out = {"rlora_kernels": __version__, "python": platform.python_version(),
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        import peft
-        out["peft"] = peft.__version__
-    except ImportError:
-        out["peft"] = None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10, check=False)
-        out["git_revision"] = rev.stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        out["git_revision"] = None
-    return out
-
-
-def plot_curves(results, path, curve_size):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"riemannion": "tab:red", "lora": "tab:blue"}
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {}
-    for r in results:
-        style = styles.setdefault(r.seed, ("-", "--", ":", "-.")[len(styles) % 4])
-        label = f"{r.method} seed {r.seed}"
-        losses = torch.tensor(r.losses, dtype=torch.float64)
-        width = min(10, len(losses))  # moving average: batch-32 losses are noisy
-        smooth = losses.unfold(0, width, 1).mean(-1) if width else losses
-        steps = range(width, width + len(smooth))
-        ax_loss.plot(list(steps), smooth.tolist(), color=colours[r.method], ls=style,
-                     alpha=0.8, lw=1.2, label=label)
-        ax_acc.plot(r.eval_steps, r.eval_accuracy, marker="o", ms=3, color=colours[r.method],
-                    ls=style, alpha=0.8, lw=1.2, label=label)
-    ax_loss.set(xlabel="step", ylabel="train loss (moving average of 10)",
-                title="training loss")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title=f"test accuracy ({curve_size} test texts)")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def export_adapter(model, path: Path, base: str) -> dict:
-    """The PEFT adapter (with the head as a module to save), or the raw state as a fallback."""
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        from ..adapters import export_peft
-    except ImportError:
-        from safetensors.torch import save_file
-
-        path.mkdir(parents=True)
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                 if "lora_" in k or k.startswith("head.")}
-        save_file(state, str(path / "rlora_state.safetensors"))
-        note = ("PEFT export is unavailable in this build (rlora_kernels.adapters.export_peft "
-                "is missing); wrote the raw RiemannLoRA state and head instead")
-        return {"format": "rlora_state", "path": str(path), "note": note}
-    export_peft(model, path, base_model_name_or_path=base, modules_to_save=["head"])
-    return {"format": "peft", "path": str(path)}
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -663,7 +369,7 @@ def _run(args, out, progress, start, governor) -> int:
         "wall_seconds": time.perf_counter() - start,
     }
     with open(outdir / "results.json", "w") as fh:
-        json.dump(_finite(report), fh, indent=1, allow_nan=False)
+        json.dump(finite(report), fh, indent=1, allow_nan=False)
     if adapter is not None:
         out(adapter.get("note") or f"adapter of riemannion seed {adapter['seed']} "
                                    f"(PEFT format): {adapter['path']}")
