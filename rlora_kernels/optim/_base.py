@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .. import manifold
 from ..adapters.inject import rlora_layers
 from ..ops.reference import compute_dtype
 
@@ -187,6 +188,36 @@ class RiemannianOptimizer(torch.optim.Optimizer):
     def _compute(bucket):
         cd = compute_dtype(bucket.b.dtype)
         return cd, bucket.a_l.to(cd), bucket.b.to(cd), bucket.b_r.to(cd)
+
+    @staticmethod
+    def _gradient(bucket, cd, a_l):
+        """Tangent components (Ad_g, Bd_g) of the gradient, from the doubled adapter's grads."""
+        g_a, g_b = (g.to(cd) for g in bucket.grads())
+        return manifold.riemannian_gradient(a_l, g_a, g_b)
+
+    @staticmethod
+    def _transported_momentum(states, cd, a_l, b_r):
+        """The stored momentum re-projected at the current point, or None before the first
+        step that stored one."""
+        mom_a = stacked_state(states, "momentum_A")
+        if mom_a is None:
+            return None
+        mom_b = stacked_state(states, "momentum_B")
+        return manifold.transport(a_l, b_r, mom_a.to(cd), mom_b.to(cd))
+
+    @staticmethod
+    def _store_momentum(states, dtype, a_l, b_r, ad, bd):
+        """Keep the tangent vector (Ad, Bd) in ambient factored form [Ad, A_L] [B_R, Bd]^T."""
+        new_state(states, "momentum_A", torch.cat([ad, a_l], -1).to(dtype))
+        new_state(states, "momentum_B", torch.cat([b_r, bd], -1).to(dtype))
+
+    @staticmethod
+    def _advance_step(states):
+        """Increment and return the per-layer step counters."""
+        step = stacked_state(states, "step")
+        step = (step + 1) if step is not None else torch.ones(len(states), dtype=torch.float32)
+        new_state(states, "step", step)
+        return step
 
     def _adamw(self, group):
         beta1, beta2 = group["betas"]

@@ -1,10 +1,8 @@
 """Riemannion: heavy-ball momentum, transported by re-projection, orthogonalised like Muon,
 then retracted onto the rank-r manifold; one batched pass per bucket of equal-shape layers."""
 
-import torch
-
 from .. import manifold, ops
-from ._base import RiemannianOptimizer, finite_float, new_state, stacked_state
+from ._base import RiemannianOptimizer, finite_float
 
 __all__ = ["Riemannion"]
 
@@ -44,14 +42,11 @@ class Riemannion(RiemannianOptimizer):
 
     def _step_bucket(self, group, bucket, states):
         cd, a_l, b, b_r = self._compute(bucket)
-        g_a, g_b = (g.to(cd) for g in bucket.grads())
-        ad_g, bd_g = manifold.riemannian_gradient(a_l, g_a, g_b)
+        ad_g, bd_g = self._gradient(bucket, cd, a_l)
         beta = group["momentum"]
-        mom_a = stacked_state(states, "momentum_A")
-        if beta > 0 and mom_a is not None:
-            mom_b = stacked_state(states, "momentum_B")
-            ad_p, bd_p = manifold.transport(a_l, b_r, mom_a.to(cd), mom_b.to(cd))
-            ad_m, bd_m = beta * ad_p + ad_g, beta * bd_p + bd_g
+        moved = self._transported_momentum(states, cd, a_l, b_r) if beta > 0 else None
+        if moved is not None:
+            ad_m, bd_m = beta * moved[0] + ad_g, beta * moved[1] + bd_g
         else:
             ad_m, bd_m = ad_g, bd_g
         if group["orthogonalize"]:
@@ -61,12 +56,7 @@ class Riemannion(RiemannianOptimizer):
         new_a, new_b, new_br = manifold.retract(a_l, b, b_r, ad_d, bd_d, group["lr"],
                                                 group["weight_decay"])
         if beta > 0:
-            keep_a, keep_b = (ad_m, bd_m) if group["momentum_stores"] == "gradient" \
-                else (ad_d, bd_d)
-            dtype = bucket.b.dtype
-            new_state(states, "momentum_A", torch.cat([keep_a, a_l], -1).to(dtype))
-            new_state(states, "momentum_B", torch.cat([b_r, keep_b], -1).to(dtype))
-        step = stacked_state(states, "step")
-        new_state(states, "step", (step + 1) if step is not None
-                  else torch.ones(len(states), dtype=torch.float32))
+            keep = (ad_m, bd_m) if group["momentum_stores"] == "gradient" else (ad_d, bd_d)
+            self._store_momentum(states, bucket.b.dtype, a_l, b_r, *keep)
+        self._advance_step(states)
         bucket.write_point(new_a, new_b, new_br)

@@ -1,8 +1,6 @@
 """RiemannSGD: Riemannian SGD / heavy ball with EMA momentum and the optional scalar
 normalisation that imitates Adam's scale-freeness, retracted onto the rank-r manifold."""
 
-import torch
-
 from .. import manifold
 from ._base import RiemannianOptimizer, finite_float, new_state, stacked_state
 
@@ -33,21 +31,14 @@ class RiemannSGD(RiemannianOptimizer):
 
     def _step_bucket(self, group, bucket, states):
         cd, a_l, b, b_r = self._compute(bucket)
-        g_a, g_b = (g.to(cd) for g in bucket.grads())
-        ad, bd = manifold.riemannian_gradient(a_l, g_a, g_b)
+        ad, bd = self._gradient(bucket, cd, a_l)
         beta = group["momentum"]
-        mom_a = stacked_state(states, "momentum_A")
-        if beta > 0 and mom_a is not None:
-            mom_b = stacked_state(states, "momentum_B")
-            ad_p, bd_p = manifold.transport(a_l, b_r, mom_a.to(cd), mom_b.to(cd))
-            ad, bd = beta * ad_p + (1 - beta) * ad, beta * bd_p + (1 - beta) * bd
         if beta > 0:
-            dtype = bucket.b.dtype
-            new_state(states, "momentum_A", torch.cat([ad, a_l], -1).to(dtype))
-            new_state(states, "momentum_B", torch.cat([b_r, bd], -1).to(dtype))
-        step = stacked_state(states, "step")
-        step = (step + 1) if step is not None else torch.ones(len(states), dtype=torch.float32)
-        new_state(states, "step", step)
+            moved = self._transported_momentum(states, cd, a_l, b_r)
+            if moved is not None:
+                ad, bd = beta * moved[0] + (1 - beta) * ad, beta * moved[1] + (1 - beta) * bd
+            self._store_momentum(states, bucket.b.dtype, a_l, b_r, ad, bd)
+        step = self._advance_step(states)
         if group["normalize"]:
             ad, bd = self._normalise(group, states, ad, bd, step)
         new_a, new_b, new_br = manifold.retract(a_l, b, b_r, ad, bd, group["lr"],
